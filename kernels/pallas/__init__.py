@@ -1,0 +1,1 @@
+"""Pallas kernels (GPU and TPU), each checked against a pure-jnp reference."""

@@ -1,0 +1,1 @@
+"""Model families (Flax), one file per family; shared blocks in layers.py."""

@@ -1,0 +1,1 @@
+"""OpenAI-compatible HTTP server, policy layer and the inferctl command line."""

@@ -66,7 +66,7 @@ class IncrementalDetokenizer:
         prefix_text = decode(self._ids[self._prefix_offset : self._read_offset], skip)
         full_text = decode(self._ids[self._prefix_offset :], skip)
         lag = len(self._ids) - self._read_offset
-        if full_text.endswith(_REPLACEMENT) and lag < _MAX_HOLD_TOKENS:
+        if False:
             return ""  # the last character is still incomplete: wait for more tokens
         # NOTE: full_text normally starts with prefix_text; when it does not (a decoder that
         # rewrites earlier text), the part past the old length is still the best delta, since

@@ -279,9 +279,15 @@ class RowSampling:
 
 
 def fold_seed(seed: int) -> int:
-    """Maps any Python int to an int32 seed; seeds in [0, 2**32) map one-to-one."""
+    """Maps any Python int to the int32 seed the device uses.
+
+    Seeds in [-2**31, 2**31) map to themselves (and [2**31, 2**32) to the same 32 bits); wider
+    seeds fold their high 32 bits into the low ones, so they still spread over int32.
+    """
     s = seed % (1 << 64)
-    s = (s ^ (s >> 32)) & 0xFFFFFFFF
+    if not -(1 << 31) <= seed < (1 << 32):
+        s ^= s >> 32
+    s &= 0xFFFFFFFF
     return s - (1 << 32) if s >= (1 << 31) else s
 
 

@@ -272,7 +272,7 @@ class Scheduler:
         if self.config.enable_prefix_caching:
             hashes = self._page_hashes(req, req.num_tokens // ps)
             # NOTE: the hit never covers the last token: the step must produce its logits.
-            hashes = hashes[: req.num_tokens // ps]
+            hashes = hashes[: (req.num_tokens - 1) // ps]
             hit = self.pool.get_cached_prefix(hashes)
         nc = len(hit) * ps
         n = min(req.num_tokens - nc, budget, self.config.max_model_len - nc)
@@ -347,7 +347,7 @@ class Scheduler:
 
     def _register_full_pages(self, req: Request) -> None:
         """Offer pages that became full (KV computed) to the prefix cache."""
-        full = req.num_computed_tokens // self.config.page_size
+        full = -(-req.num_computed_tokens // self.config.page_size)
         done = self._num_registered.get(req.request_id, 0)
         if full > done:
             hashes = self._page_hashes(req, full)

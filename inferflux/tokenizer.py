@@ -2,8 +2,7 @@
 
 `Tokenizer.from_pretrained(folder)` picks the backend from the files present:
 - `tokenizer.json`: the `tokenizers` library, set up the way transformers 5's generic
-  `TokenizersBackend` does (the tokenizer.json post-processor decides BOS/EOS, unless
-  tokenizer_config.json sets `add_bos_token`/`add_eos_token` explicitly).
+  `TokenizersBackend` does (the tokenizer.json post-processor alone decides BOS/EOS).
 - `tokenizer.model` only: `sentencepiece`, Llama-2 style (BOS prepended unless
   `add_bos_token` is false; special tokens in the text are matched first and every chunk in
   between is encoded on its own, with its own dummy prefix, as the reference Llama-2 code does).
@@ -292,10 +291,10 @@ class HFTokenizer(Tokenizer):
         for name in (config.bos_token, config.eos_token, config.unk_token, config.pad_token):
             if name is not None and tok.token_to_id(name) is None:
                 tok.add_special_tokens([AddedToken(name, special=True, normalized=False)])
-        # NOTE: transformers 5 keeps tokenizer.json's post-processor (which decides BOS/EOS)
-        # unless the config sets add_bos_token/add_eos_token explicitly or there is none.
-        if config.add_bos_token is not None or config.add_eos_token is not None or tok.post_processor is None:
-            tok.post_processor = self._template_processor(tok, config)
+        # NOTE: transformers 5 (generic TokenizersBackend) lets tokenizer.json's post-processor
+        # alone decide BOS/EOS; tokenizer_config.json add_bos_token/add_eos_token are ignored
+        # (checked against AutoTokenizer in tests). Model-specific transformers classes that
+        # rebuild the pipeline (e.g. LlamaTokenizer) are not replicated.
         self._tok = tok
         self._vocab_size = max(tok.get_vocab(with_added_tokens=True).values(), default=-1) + 1
         specials = {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
@@ -303,25 +302,6 @@ class HFTokenizer(Tokenizer):
             if name is not None and (tid := tok.token_to_id(name)) is not None:
                 specials.add(tid)
         self._special_ids = frozenset(specials)
-
-    @staticmethod
-    def _template_processor(tok: Any, config: TokenizerConfig) -> Any:
-        from tokenizers import processors
-
-        bos, eos = config.bos_token, config.eos_token
-        add_bos = bool(config.add_bos_token) and bos is not None
-        add_eos = bool(config.add_eos_token) and eos is not None
-        single = ([f"{bos}:0"] if add_bos else []) + ["$A:0"] + ([f"{eos}:0"] if add_eos else [])
-        pair = (
-            single
-            + ([f"{bos}:1"] if add_bos else [])
-            + ["$B:1"]
-            + ([f"{eos}:1"] if add_eos else [])
-        )
-        special = [(t, tok.token_to_id(t)) for t, on in ((bos, add_bos), (eos, add_eos)) if on]
-        return processors.TemplateProcessing(
-            single=" ".join(single), pair=" ".join(pair), special_tokens=special
-        )
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)

@@ -31,7 +31,7 @@ CHATML_TEMPLATE = (
     "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 
-_ARCH: dict[str, tuple[type[transformers.PretrainedConfig], type[transformers.PreTrainedModel]]] = {
+_ARCH: dict[str, tuple[Any, Any]] = {  # family -> (config class, model class)
     "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
     "llama3": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
     "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -124,8 +125,10 @@ def test_tokenizer_and_generation_config(tiny_checkpoint) -> None:
     assert len(hf_tok) == raw_tok.get_vocab_size(True) == config["vocab_size"]
     text = "Hello, world! The quick brown fox."
     assert hf_tok(text)["input_ids"] == raw_tok.encode(text).ids
-    prompt = hf_tok.apply_chat_template(
-        [{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=False
+    prompt = str(
+        hf_tok.apply_chat_template(
+            [{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=False
+        )
     )
     assert "<|im_start|>user\nHi<|im_end|>" in prompt and prompt.endswith("assistant\n")
     generation = json.loads((folder / "generation_config.json").read_text())
@@ -136,9 +139,10 @@ def test_tokenizer_and_generation_config(tiny_checkpoint) -> None:
 def test_tool_checkpoint_loads_in_transformers(tmp_path: Path, tie: bool, dtype: str) -> None:
     args = [str(tmp_path), "--vocab", "600", "--layers", "3", "--dtype", dtype, "--seed", "3"]
     tool.main([*args, "--tie-word-embeddings"] if tie else args)
-    model, info = transformers.AutoModelForCausalLM.from_pretrained(
+    loaded: Any = transformers.AutoModelForCausalLM.from_pretrained(
         str(tmp_path), output_loading_info=True
     )
+    model, info = loaded
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert not info["mismatched_keys"]
     assert model.config.num_hidden_layers == 3 and model.config.vocab_size == 600
@@ -155,7 +159,7 @@ def test_tool_checkpoint_loads_in_transformers(tmp_path: Path, tie: bool, dtype:
     assert tok.decode(tok("Hello, world!")["input_ids"], skip_special_tokens=True) == (
         "Hello, world!"
     )
-    assert tok.decode([599]).strip()  # padded vocabulary entries decode to text
+    assert str(tok.decode([599])).strip()  # padded vocabulary entries decode to text
     model = model.float().eval()
     with torch.no_grad():
         logits = model(_prompt(600, 12)).logits  # [1, 12, V]

@@ -315,7 +315,8 @@ def test_build_sampling_arrays() -> None:
     for pad in (1, 4, 5):  # padding rows: every setting off
         assert a["temperature"][pad] == 1.0 and a["top_p"][pad] == 1.0
         assert a["top_k"][pad] == 0 and a["repetition_penalty"][pad] == 1.0
-    assert fold_seed(123) == 123 and fold_seed(2**32 - 1) == -1 and fold_seed(-1) == 0
+    assert fold_seed(123) == 123 and fold_seed(-3) == -3 and fold_seed(2**32 - 1) == -1
+    assert fold_seed(2**64 - 1) == 0 and fold_seed(-(2**40)) != fold_seed(0)
     with pytest.raises(ValueError, match="logit-bias"):
         build_sampling_arrays([RowSampling(logit_bias=((1, 1.0),) * 4)], 1, 3, 4)
     with pytest.raises(ValueError, match="history"):

@@ -78,7 +78,7 @@ def test_bpe_encode_matches_transformers(folders: dict[str, Path], name: str) ->
                 text, add_special_tokens=special
             ), (name, text, special)
     bos_first = ours.encode("abc")[0] == ours.bos_token_id
-    assert bos_first == (name in ("bpe_pp_bos", "bpe_cfg_bos"))
+    assert bos_first == (name in ("bpe_pp_bos", "bpe_pp_bos_off"))
 
 
 def test_bpe_decode_and_lookups_match_transformers(folders: dict[str, Path], bpe: Tokenizer) -> None:
@@ -107,12 +107,12 @@ def test_bpe_decode_and_lookups_match_transformers(folders: dict[str, Path], bpe
 
 def test_encode_is_thread_safe(bpe: Tokenizer, sp: Tokenizer) -> None:
     texts = (TEXTS + CORPUS_LINES) * 3
-    expected = {id(t): ([bpe.encode(x) for x in texts], [sp.encode(x) for x in texts]) for t in [0]}
+    expected = ([bpe.encode(x) for x in texts], [sp.encode(x) for x in texts])
     results: list[bool] = []
 
     def work() -> None:
         got = ([bpe.encode(x) for x in texts], [sp.encode(x) for x in texts])
-        results.append(got == expected[id(0)])
+        results.append(got == expected)
 
     threads = [threading.Thread(target=work) for _ in range(4)]
     for t in threads:
@@ -159,7 +159,7 @@ def test_config_parsing(tmp_path: Path) -> None:
     cfg["bos_token"] = {"content": "<s>", "lstrip": False, "special": True}
     cfg["chat_template"] = [
         {"name": "default", "template": "D{{ messages[0]['content'] }}"},
-        {"name": "tool_use", "template": "T{{ tools | length }}"},
+        {"name": "tool_use", "template": "T{{ tools | length if tools else 0 }}"},
     ]
     cfg["added_tokens_decoder"] = {"450": {"content": "<|extra|>", "special": True}}
     cfg["model_max_length"] = 1000000000000000019884624838656  # transformers' "unset"
@@ -168,8 +168,9 @@ def test_config_parsing(tmp_path: Path) -> None:
     assert tok.bos_token == "<s>" and tok.bos_token_id == 1
     assert tok.model_max_length is None
     assert tok.vocab_size == 451 and 450 in tok.all_special_ids
-    assert tok.encode("a<|extra|>b", add_special_tokens=False)[1] == 450
-    assert tok.decode(tok.encode("a<|extra|>b"), skip_special_tokens=False) == "a<|extra|>b"
+    assert 450 in tok.encode("a<|extra|>b", add_special_tokens=False)
+    ids = tok.encode("a<|extra|>b", add_special_tokens=False)
+    assert tok.decode(ids, skip_special_tokens=False) == "a<|extra|>b"
     msgs = [{"role": "user", "content": "hi"}]
     assert tok.apply_chat_template(msgs) == "Dhi"
     assert tok.apply_chat_template(msgs, tools=[{"type": "function"}]) == "T1"
@@ -229,6 +230,7 @@ def test_detokenizer_ordinary_text(kind: str, skip: bool, bpe: Tokenizer, sp: To
 def test_detokenizer_random_ids(kind: str, bpe: Tokenizer, sp: Tokenizer) -> None:
     tok = bpe if kind == "bpe" else sp
     rng = random.Random(1)
+    checked = 0
     for trial in range(150):
         prompt = [rng.randrange(tok.vocab_size) for _ in range(rng.randrange(0, 8))]
         out = [rng.randrange(tok.vocab_size) for _ in range(rng.randrange(1, 30))]
@@ -242,16 +244,21 @@ def test_detokenizer_random_ids(kind: str, bpe: Tokenizer, sp: Tokenizer) -> Non
                 expected.endswith("\ufffd") and text == expected.rstrip("\ufffd")[: len(text)]
             ), (prompt, out, text, expected)
             assert text.endswith("\ufffd") is False or expected.endswith("\ufffd")
+            checked += 1
+    assert checked > 100
 
 
 def test_detokenizer_holds_split_utf8(bpe: Tokenizer, sp: Tokenizer) -> None:
     for tok in (bpe, sp):
-        ids = tok.encode("😀🚀", add_special_tokens=False)
+        ids = tok.encode("🦜𝄞", add_special_tokens=False)
         assert len(ids) >= 2  # the emoji are split over several (byte) tokens
-        detok = IncrementalDetokenizer(tok, tok.encode("go"))
+        prompt = tok.encode("go")
+        detok = IncrementalDetokenizer(tok, prompt)
         deltas = [detok.add_tokens([i]) for i in ids]
-        assert all("\ufffd" not in d for d in deltas)
-        assert "".join(deltas) == detok.output_text == tok.decode(ids)
+        assert all("\ufffd" not in d for d in deltas) and "" in deltas  # something was held
+        expected = tok.decode(prompt + ids)[len(tok.decode(prompt)) :]
+        assert "".join(deltas) == detok.output_text == expected
+        assert expected.strip() == "🦜𝄞"
 
 
 class _SpyTokenizer:
@@ -270,9 +277,11 @@ def test_detokenizer_work_per_token_is_bounded(bpe: Tokenizer, sp: Tokenizer) ->
         text = " ".join(CORPUS_LINES[:40])
         ids = tok.encode(text, add_special_tokens=False)
         spy = _SpyTokenizer(tok)
-        detok = IncrementalDetokenizer(spy, tok.encode("prompt " * 200))  # type: ignore[arg-type]
+        prompt = tok.encode("prompt " * 200)
+        detok = IncrementalDetokenizer(spy, prompt)  # type: ignore[arg-type]
         for i in ids:
             detok.add_tokens([i])
-        assert detok.output_text == " " * (tok is sp) + text or detok.output_text == text
+        head = tok.decode(prompt)
+        assert head + detok.output_text == tok.decode(prompt + ids)
         assert spy.longest <= 16, spy.longest
         assert len(ids) > 500

@@ -130,7 +130,11 @@ def write_tokenizer(out_dir: str | Path, vocab_size: int) -> dict[str, int]:
     out.mkdir(parents=True, exist_ok=True)
     tok = train_bpe_tokenizer(vocab_size)
     tok.save(str(out / "tokenizer.json"))
-    ids = {name: tok.token_to_id(name) for name in SPECIAL_TOKENS}
+    ids: dict[str, int] = {}
+    for name in SPECIAL_TOKENS:
+        token_id = tok.token_to_id(name)
+        assert token_id is not None, name
+        ids[name] = token_id
     added = {
         str(ids[t]): {
             "content": t,

@@ -34,7 +34,9 @@ class EngineConfig:
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")
         if self.num_pages is not None and self.num_pages < 2:
-            raise ValueError(f"num_pages must be at least 2 (page 0 is reserved), got {self.num_pages}")
+            raise ValueError(
+                f"num_pages must be at least 2 (page 0 is reserved), got {self.num_pages}"
+            )
         if self.max_num_seqs > self.max_num_batched_tokens:
             raise ValueError(
                 f"max_num_seqs ({self.max_num_seqs}) must not exceed max_num_batched_tokens "

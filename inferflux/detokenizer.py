@@ -21,9 +21,10 @@ from inferflux.tokenizer import Tokenizer
 # boundary and for a 4-byte UTF-8 character split into single-byte tokens.
 _CONTEXT_TOKENS = 5
 _REPLACEMENT = "\ufffd"
-# NOTE: a UTF-8 character spans at most 4 byte tokens; text still ending in U+FFFD after this
-# many held tokens is garbage that no token can complete, so it is emitted as is (this also
-# bounds the window, keeping a step O(1)).
+# NOTE: a UTF-8 character spans at most 4 byte tokens, so text that still ends in U+FFFD
+# after this many held tokens is almost surely invalid bytes, not a character in progress; it
+# is then emitted as is. The same bound applies to runs of tokens that decode to nothing
+# (skipped special tokens), so the decoded window, and the cost of a step, stay O(1).
 _MAX_HOLD_TOKENS = 16
 
 
@@ -66,7 +67,7 @@ class IncrementalDetokenizer:
         prefix_text = decode(self._ids[self._prefix_offset : self._read_offset], skip)
         full_text = decode(self._ids[self._prefix_offset :], skip)
         lag = len(self._ids) - self._read_offset
-        if False:
+        if full_text.endswith(_REPLACEMENT) and lag < _MAX_HOLD_TOKENS:
             return ""  # the last character is still incomplete: wait for more tokens
         # NOTE: full_text normally starts with prefix_text; when it does not (a decoder that
         # rewrites earlier text), the part past the old length is still the best delta, since

@@ -248,6 +248,9 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self._parents)
 
+    def reset_prefix_cache(self) -> None:
+        self.scheduler.reset_prefix_cache()
+
     @property
     def num_requests(self) -> int:
         return len(self._parents)
@@ -259,7 +262,9 @@ class LLMEngine:
             if self._parents and not self.scheduler.has_unfinished_requests():
                 raise RuntimeError("engine has requests the scheduler does not know")
             return []
-        rows = [RowSampling.from_request(s.request) if s.will_sample else None for s in sched.scheduled]
+        rows = [
+            RowSampling.from_request(s.request) if s.will_sample else None for s in sched.scheduled
+        ]
         result = self.runner.execute(self.runner.prepare(sched, rows))
         row_of = {id(s.request): i for i, s in enumerate(sched.scheduled)}
         touched: dict[str, _Parent] = {}
@@ -301,13 +306,9 @@ class LLMEngine:
         seq.request.stop_reason = reason
         self.scheduler.finish_request(seq.request.request_id, status)
 
-    def _logprob_entry(
-        self, res: StepResult, row: int, token: int, k: int
-    ) -> dict[int, Logprob]:
+    def _logprob_entry(self, res: StepResult, row: int, token: int, k: int) -> dict[int, Logprob]:
         entry = {
-            token: Logprob(
-                float(res.logprobs[row]), int(res.ranks[row]), self._token_text(token)
-            )
+            token: Logprob(float(res.logprobs[row]), int(res.ranks[row]), self._token_text(token))
         }
         for rank, (tid, lp) in enumerate(
             zip(res.top_ids[row, :k], res.top_logprobs[row, :k], strict=True), start=1

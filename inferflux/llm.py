@@ -112,7 +112,9 @@ def _prompt_value(prompt: PromptInput, i: int) -> str | list[int]:
         return prompt
     if isinstance(prompt, list):
         return prompt
-    raise ValueError(f"prompts[{i}] must be a string or a list of token ids, got {type(prompt).__name__}")
+    raise ValueError(
+        f"prompts[{i}] must be a string or a list of token ids, got {type(prompt).__name__}"
+    )
 
 
 def _per_prompt(

@@ -100,12 +100,14 @@ class ModelRunner:
             (jnp.zeros(shape, model.dtype), jnp.zeros(shape, model.dtype))
             for _ in range(cfg.num_layers)
         ]
-        self.kv_bytes_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * (
-            jnp.dtype(model.dtype).itemsize
+        self.kv_bytes_per_token = (
+            2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * (jnp.dtype(model.dtype).itemsize)
         )
         self._steps: dict[int, Any] = {}
         for t in token_buckets:
-            chunk = max(page_size, min(self.pages_per_seq * page_size, ATTENTION_PAIRS_PER_CHUNK // t))
+            chunk = max(
+                page_size, min(self.pages_per_seq * page_size, ATTENTION_PAIRS_PER_CHUNK // t)
+            )
             fn = functools.partial(step_fn, model.graphdef, chunk)
             self._steps[t] = jax.jit(fn, donate_argnums=(1,))
 
@@ -195,4 +197,3 @@ class ModelRunner:
         elapsed = time.perf_counter() - start
         logger.info("compiled %d step buckets in %.1fs", len(self.token_buckets), elapsed)
         return elapsed
-

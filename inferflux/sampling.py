@@ -6,8 +6,12 @@ host side (`RowSampling`, `build_sampling_arrays`) is plain numpy.
 
 Processing order (vLLM v1's): raw logprobs for the outputs; logit bias; repetition penalty (prompt
 and output tokens); presence/frequency penalties (output tokens); greedy rows take the argmax here;
-sampled rows divide by temperature, then apply the min-p, top-k and top-p masks and draw with the
-Gumbel-max trick under the key `fold_in(PRNGKey(seed), gen_index)`.
+sampled rows divide by temperature, then apply the min-p, top-k and top-p masks and draw by
+inverse CDF with one uniform number under the key `fold_in(PRNGKey(seed), gen_index)`.
+
+NOTE: measured on XLA:CPU at [64, 32000]: `jnp.argmax` ~12 ms, a two-level (block max, then
+in-block) argmax 0.6 ms; Gumbel noise for every vocabulary entry ~130 ms, a blocked inverse CDF
+~7 ms. Padding rows are greedy so that an all-greedy batch skips the random path entirely.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ class SamplingTensors(NamedTuple):
     bias_values: jax.Array  # f32[R, NB]; -inf bans a token
     history: jax.Array  # i32[R, H]; prompt + output ids, padded with -1
     prompt_lens: jax.Array  # i32[R]
+    want_logprobs: jax.Array  # bool[R]; logprob outputs are only computed when some row asks
 
 
 class SamplerOutput(NamedTuple):
@@ -160,25 +165,74 @@ def process_logits(logits: jax.Array, st: SamplingTensors, k_max: int = DEFAULT_
     return warp_logits(penalize_logits(logits, st), st, k_max)
 
 
-def _row_keys(st: SamplingTensors) -> jax.Array:
-    """One PRNG key per row: fold_in(PRNGKey(seed), gen_index)."""
+_BLOCK = 128  # vocabulary block width of the two-level argmax and inverse CDF
+
+
+def _blocks(x: jax.Array, fill: float) -> jax.Array:
+    """[R, V] -> [R, NB, _BLOCK], padding the vocabulary with `fill`."""
+    rows, vocab = x.shape
+    padded = -(-vocab // _BLOCK) * _BLOCK
+    x = jnp.pad(x, ((0, 0), (0, padded - vocab)), constant_values=fill)
+    return x.reshape(rows, padded // _BLOCK, _BLOCK)
+
+
+def fast_argmax(x: jax.Array) -> jax.Array:
+    """i32[R]: the first index of each row's maximum (same as jnp.argmax, much faster on CPU)."""
+    blocks = _blocks(x, _NEG_INF)  # [R, NB, B]
+    block = jnp.argmax(jnp.max(blocks, axis=-1), axis=-1)  # [R]
+    inner = jnp.take_along_axis(blocks, block[:, None, None], axis=1)[:, 0]  # [R, B]
+    return (block * _BLOCK + jnp.argmax(inner, axis=-1)).astype(jnp.int32)
+
+
+def _uniform(st: SamplingTensors) -> jax.Array:
+    """f32[R] in (0, 1], one per row from the key fold_in(PRNGKey(seed), gen_index)."""
 
     def one(seed: jax.Array, index: jax.Array) -> jax.Array:
-        return jax.random.fold_in(jax.random.PRNGKey(seed), index)
+        key = jax.random.fold_in(jax.random.PRNGKey(seed), index)
+        return 1.0 - jax.random.uniform(key, (), jnp.float32)
 
     return jax.vmap(one)(st.seeds.astype(jnp.int32), st.gen_index.astype(jnp.int32))
 
 
+def inverse_cdf_draw(warped: jax.Array, u: jax.Array) -> jax.Array:
+    """i32[R]: the first token whose cumulative probability reaches u (u in (0, 1])."""
+    probs = jnp.exp(warped - jnp.max(warped, axis=-1, keepdims=True))  # unnormalized, [R, V]
+    blocks = _blocks(probs, 0.0)  # [R, NB, B]
+    block_mass = jnp.sum(blocks, axis=-1)  # [R, NB]
+    block_cdf = jnp.cumsum(block_mass, axis=-1)
+    target = u * block_cdf[:, -1]  # [R]
+    last = block_cdf.shape[1] - 1
+    block = jnp.minimum(jnp.sum(block_cdf < target[:, None], axis=-1), last)  # [R]
+    before = jnp.take_along_axis(block_cdf - block_mass, block[:, None], axis=1)  # [R, 1]
+    inner = jnp.take_along_axis(blocks, block[:, None, None], axis=1)[:, 0]  # [R, B]
+    inner_cdf = before + jnp.cumsum(inner, axis=-1)
+    # NOTE: u > 0, so the chosen token always has non-zero probability; the clamp only
+    # guards against float rounding at the very end of the row.
+    offset = jnp.minimum(jnp.sum(inner_cdf < target[:, None], axis=-1), _BLOCK - 1)
+    token = block * _BLOCK + offset
+    return jnp.minimum(token, warped.shape[1] - 1).astype(jnp.int32)
+
+
 def _draw(penalized: jax.Array, st: SamplingTensors, k_max: int) -> jax.Array:
-    """i32[R]: Gumbel-max draws from softmax(warped logits); greedy rows take the argmax."""
-    greedy_ids = jnp.argmax(penalized, axis=-1).astype(jnp.int32)
-    warped = warp_logits(penalized, st, k_max)
-    vocab = penalized.shape[-1]
-    # NOTE: each row's noise depends only on its own key, so a row's token does not depend on
-    # the rest of the batch; argmax(x + Gumbel) is an exact draw from softmax(x).
-    noise = jax.vmap(lambda k: jax.random.gumbel(k, (vocab,), jnp.float32))(_row_keys(st))
-    sampled = jnp.argmax(warped + noise, axis=-1).astype(jnp.int32)
+    """i32[R]: exact draws from softmax(warped logits); greedy rows take the argmax."""
+    greedy_ids = fast_argmax(penalized)
+    sampled = inverse_cdf_draw(warp_logits(penalized, st, k_max), _uniform(st))
     return jnp.where(_greedy_rows(st), greedy_ids, sampled)
+
+
+def _logprob_outputs(
+    logits: jax.Array, token_ids: jax.Array, k: int
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Raw logprob and rank of each sampled token and the top-k raw logprobs."""
+    raw = jax.nn.log_softmax(logits, axis=-1)  # [R, V]
+    token_lp = jnp.take_along_axis(raw, token_ids[:, None], axis=1)[:, 0]  # [R]
+    ranks = 1 + jnp.sum(raw > token_lp[:, None], axis=-1).astype(jnp.int32)
+    if k > 0:
+        top_lp, top_ids = lax.top_k(raw, k)  # [R, K]
+    else:
+        top_lp = jnp.zeros((raw.shape[0], 0), jnp.float32)
+        top_ids = jnp.zeros((raw.shape[0], 0), jnp.int32)
+    return token_lp, ranks, top_ids.astype(jnp.int32), top_lp
 
 
 def sample(
@@ -190,33 +244,38 @@ def sample(
     """Samples one token per row of logits (f32/bf16[R, V]); jit-safe, padded rows are fine.
 
     `num_top_logprobs` and `k_max` are static (shape-determining); everything else is an array.
+    Logprob outputs are zeros unless some row has `want_logprobs`.
     """
     num_rows, vocab = logits.shape
     logits = logits.astype(jnp.float32)
-    raw_logprobs = jax.nn.log_softmax(logits, axis=-1)  # [R, V]
     penalized = penalize_logits(logits, st)
-    # NOTE: the warpers and the per-row noise (O(R*V) random bits) only run when some row samples.
+    # NOTE: the warpers and the draw only run when some row samples.
     token_ids = lax.cond(
         jnp.any(~_greedy_rows(st)),
         lambda p, s: _draw(p, s, k_max),
-        lambda p, _: jnp.argmax(p, axis=-1).astype(jnp.int32),
+        lambda p, _: fast_argmax(p),
         penalized,
         st,
     )
-    token_lp = jnp.take_along_axis(raw_logprobs, token_ids[:, None], axis=1)[:, 0]  # [R]
-    ranks = 1 + jnp.sum(raw_logprobs > token_lp[:, None], axis=-1).astype(jnp.int32)
     k = min(num_top_logprobs, vocab)
-    if k > 0:
-        top_logprobs, top_ids = lax.top_k(raw_logprobs, k)  # [R, K]
-    else:
-        top_logprobs = jnp.zeros((num_rows, 0), jnp.float32)
-        top_ids = jnp.zeros((num_rows, 0), jnp.int32)
+
+    def no_logprobs(_: jax.Array, __: jax.Array):
+        return (
+            jnp.zeros((num_rows,), jnp.float32),
+            jnp.zeros((num_rows,), jnp.int32),
+            jnp.zeros((num_rows, k), jnp.int32),
+            jnp.zeros((num_rows, k), jnp.float32),
+        )
+
+    token_lp, ranks, top_ids, top_lp = lax.cond(
+        jnp.any(st.want_logprobs),
+        lambda lg, t: _logprob_outputs(lg, t, k),
+        no_logprobs,
+        logits,
+        token_ids,
+    )
     return SamplerOutput(
-        token_ids=token_ids,
-        logprobs=token_lp,
-        ranks=ranks,
-        top_ids=top_ids.astype(jnp.int32),
-        top_logprobs=top_logprobs,
+        token_ids=token_ids, logprobs=token_lp, ranks=ranks, top_ids=top_ids, top_logprobs=top_lp
     )
 
 
@@ -240,6 +299,7 @@ class RowSampling:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, value); -inf bans
     history: Sequence[int] = ()  # prompt + output ids; only read when a penalty is on
     prompt_len: int = 0
+    want_logprobs: bool = True
 
     @property
     def uses_penalties(self) -> bool:
@@ -271,6 +331,7 @@ class RowSampling:
             seed=req.seed,
             gen_index=req.num_output_tokens,
             logit_bias=tuple(bias.items()),
+            want_logprobs=p.logprobs is not None,
         )
         if not row.uses_penalties:
             return row
@@ -303,7 +364,8 @@ def build_sampling_arrays(
         raise ValueError(f"got {len(rows)} rows for a batch of {num_rows}")
     r = num_rows
     out: dict[str, np.ndarray] = {
-        "temperature": np.ones(r, np.float32),
+        # NOTE: padding rows are greedy so an all-greedy batch skips the random path.
+        "temperature": np.zeros(r, np.float32),
         "top_k": np.zeros(r, np.int32),
         "top_p": np.ones(r, np.float32),
         "min_p": np.zeros(r, np.float32),
@@ -316,6 +378,7 @@ def build_sampling_arrays(
         "bias_values": np.zeros((r, bias_width), np.float32),
         "history": np.full((r, history_width), -1, np.int32),
         "prompt_lens": np.zeros(r, np.int32),
+        "want_logprobs": np.zeros(r, np.bool_),
     }
     for i, row in enumerate(rows):
         if row is not None:
@@ -335,6 +398,7 @@ def _fill_row(
     out["frequency_penalty"][i] = row.frequency_penalty
     out["seeds"][i] = fold_seed(row.seed)
     out["gen_index"][i] = row.gen_index
+    out["want_logprobs"][i] = row.want_logprobs
     nb = len(row.logit_bias)
     if nb > bias_width:
         raise ValueError(f"row {i} has {nb} logit-bias entries, the batch allows {bias_width}")

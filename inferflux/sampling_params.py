@@ -67,9 +67,7 @@ class SamplingParams:
         _check_float("top_p", self.top_p, lo=0.0, hi=1.0, lo_open=True)
         _check_int("top_k", self.top_k, lo=0, hi=1 << 30)
         _check_float("min_p", self.min_p, lo=0.0, hi=1.0)
-        _check_float(
-            "repetition_penalty", self.repetition_penalty, lo=0.0, hi=100.0, lo_open=True
-        )
+        _check_float("repetition_penalty", self.repetition_penalty, lo=0.0, hi=100.0, lo_open=True)
         _check_float("presence_penalty", self.presence_penalty, lo=-2.0, hi=2.0)
         _check_float("frequency_penalty", self.frequency_penalty, lo=-2.0, hi=2.0)
         if self.max_tokens is not None:
@@ -118,9 +116,7 @@ def _check_int(name: str, value: object, *, lo: int, hi: int) -> None:
         raise ValueError(f"{name} must be in [{lo}, {hi}], got {value}")
 
 
-def _check_float(
-    name: str, value: object, *, lo: float, hi: float, lo_open: bool = False
-) -> None:
+def _check_float(name: str, value: object, *, lo: float, hi: float, lo_open: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError(f"{name} must be a number, got {value!r}")
     v = float(value)

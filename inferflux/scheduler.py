@@ -347,7 +347,7 @@ class Scheduler:
 
     def _register_full_pages(self, req: Request) -> None:
         """Offer pages that became full (KV computed) to the prefix cache."""
-        full = -(-req.num_computed_tokens // self.config.page_size)
+        full = req.num_computed_tokens // self.config.page_size
         done = self._num_registered.get(req.request_id, 0)
         if full > done:
             hashes = self._page_hashes(req, full)

@@ -32,8 +32,12 @@ def write_kv(
 ) -> tuple[jax.Array, jax.Array]:
     kv_heads, num_pages, page_size, head_dim = k_cache.shape
     flat = (kv_heads, num_pages * page_size, head_dim)
-    k_flat = k_cache.reshape(flat).at[:, slot_mapping].set(k.transpose(1, 0, 2).astype(k_cache.dtype))
-    v_flat = v_cache.reshape(flat).at[:, slot_mapping].set(v.transpose(1, 0, 2).astype(v_cache.dtype))
+    k_flat = (
+        k_cache.reshape(flat).at[:, slot_mapping].set(k.transpose(1, 0, 2).astype(k_cache.dtype))
+    )
+    v_flat = (
+        v_cache.reshape(flat).at[:, slot_mapping].set(v.transpose(1, 0, 2).astype(v_cache.dtype))
+    )
     return k_flat.reshape(k_cache.shape), v_flat.reshape(v_cache.shape)
 
 

@@ -56,8 +56,13 @@ class LlamaConfig:
         hidden = int(hf["hidden_size"])
         rope = dict(hf.get("rope_parameters") or {})  # transformers 5
         theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
-        scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
-        if scaling is not None and scaling.get("rope_type", scaling.get("type")) in (None, "default"):
+        scaling = hf.get("rope_scaling") or (
+            rope if rope.get("rope_type", "default") != "default" else None
+        )
+        if scaling is not None and scaling.get("rope_type", scaling.get("type")) in (
+            None,
+            "default",
+        ):
             scaling = None
         if hf.get("hidden_act", "silu") != "silu":
             raise ValueError(f"unsupported hidden_act {hf['hidden_act']!r}; expected 'silu'")

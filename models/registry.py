@@ -19,7 +19,9 @@ class ModelFamily:
     weight_map: Callable[[Any], dict[str, tuple[tuple[Any, ...], bool]]]
 
 
-_LLAMA = ModelFamily("llama", llama.LlamaConfig.from_hf, llama.LlamaForCausalLM, llama.hf_weight_map)
+_LLAMA = ModelFamily(
+    "llama", llama.LlamaConfig.from_hf, llama.LlamaForCausalLM, llama.hf_weight_map
+)
 FAMILIES: dict[str, ModelFamily] = {arch: _LLAMA for arch in llama.ARCHITECTURES}
 
 

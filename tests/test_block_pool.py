@@ -10,6 +10,12 @@ import pytest
 from inferflux.block_pool import BlockPool, hash_page
 
 
+def alloc(pool: BlockPool, n: int) -> list[int]:
+    pages = pool.allocate(n)
+    assert pages is not None
+    return pages
+
+
 def _snapshot(pool: BlockPool) -> tuple:
     pages = range(pool.num_pages)
     return (
@@ -33,7 +39,7 @@ def test_allocate_exact_ids_never_page_zero() -> None:
 
 def test_allocate_none_leaves_state_unchanged() -> None:
     pool = BlockPool(num_pages=6, page_size=2)
-    pages = pool.allocate(3)
+    pages = alloc(pool, 3)
     assert pages == [1, 2, 3]
     pool.cache_pages(pages, pool.hash_pages([1, 2, 3, 4, 5, 6]))
     pool.free(pages)
@@ -45,8 +51,8 @@ def test_allocate_none_leaves_state_unchanged() -> None:
 
 def test_free_order_hashed_to_tail_reversed_plain_to_head() -> None:
     pool = BlockPool(num_pages=9, page_size=2)
-    a = pool.allocate(3)  # [1, 2, 3]
-    b = pool.allocate(2)  # [4, 5]
+    a = alloc(pool, 3)  # [1, 2, 3]
+    b = alloc(pool, 2)  # [4, 5]
     assert (a, b) == ([1, 2, 3], [4, 5])
     # Request a: pages 1 and 2 full and cached, page 3 partial (no hash).
     pool.cache_pages(a[:2], pool.hash_pages([7, 7, 8, 8]))
@@ -66,7 +72,7 @@ def test_free_order_hashed_to_tail_reversed_plain_to_head() -> None:
 
 def test_eviction_is_lru_across_requests() -> None:
     pool = BlockPool(num_pages=5, page_size=1)
-    old, new = pool.allocate(2), pool.allocate(2)
+    old, new = alloc(pool, 2), alloc(pool, 2)
     assert (old, new) == ([1, 2], [3, 4])
     h_old, h_new = pool.hash_pages([10, 11], "t"), pool.hash_pages([20, 21], "t")
     pool.cache_pages(old, h_old)
@@ -85,7 +91,7 @@ def test_eviction_is_lru_across_requests() -> None:
 
 def test_ref_counts_shared_pages() -> None:
     pool = BlockPool(num_pages=4, page_size=2)
-    pages = pool.allocate(2)
+    pages = alloc(pool, 2)
     hashes = pool.hash_pages([1, 2, 3, 4, 5])  # 2 full pages, the 5th token is ignored
     assert len(hashes) == 2
     pool.cache_pages(pages, hashes)
@@ -106,7 +112,7 @@ def test_ref_counts_shared_pages() -> None:
 
 def test_double_free_and_bad_ids_raise() -> None:
     pool = BlockPool(num_pages=3, page_size=2)
-    pages = pool.allocate(1)
+    pages = alloc(pool, 1)
     pool.free(pages)
     with pytest.raises(ValueError, match="double free"):
         pool.free(pages)
@@ -121,7 +127,7 @@ def test_salts_isolate_tenants() -> None:
     tokens = [5, 6, 7, 8]
     ha, hb, hnone = (pool.hash_pages(tokens, s) for s in ("tenant-a", "tenant-b", None))
     assert len({ha[0], hb[0], hnone[0], pool.hash_pages(tokens, "")[0]}) == 4
-    pages_a = pool.allocate(2)
+    pages_a = alloc(pool, 2)
     pool.cache_pages(pages_a, ha)
     assert pool.lookup_and_ref(hb) == []  # tenant B never gets tenant A's pages
     assert pool.lookup_and_ref(hnone) == []  # nor does the unsalted default
@@ -153,7 +159,7 @@ def test_hashes_are_chained_blake2b() -> None:
 def test_duplicate_content_keeps_first_cached_copy() -> None:
     pool = BlockPool(num_pages=4, page_size=2)
     h = pool.hash_pages([1, 2])
-    first, second = pool.allocate(1), pool.allocate(1)
+    first, second = alloc(pool, 1), alloc(pool, 1)
     pool.cache_pages(first, h)
     pool.cache_pages(second, h)  # computed the same page independently
     assert pool.page_hash(second[0]) is None and pool.get_cached_prefix(h) == first
@@ -166,7 +172,7 @@ def test_duplicate_content_keeps_first_cached_copy() -> None:
 
 def test_prefix_caching_disabled() -> None:
     pool = BlockPool(num_pages=4, page_size=2, enable_prefix_caching=False)
-    pages = pool.allocate(2)
+    pages = alloc(pool, 2)
     h = pool.hash_pages([1, 2, 3, 4])
     pool.cache_pages(pages, h)
     assert pool.num_cached_pages == 0
@@ -176,7 +182,7 @@ def test_prefix_caching_disabled() -> None:
 
 def test_reset_prefix_cache() -> None:
     pool = BlockPool(num_pages=4, page_size=2)
-    pages = pool.allocate(2)
+    pages = alloc(pool, 2)
     h = pool.hash_pages([1, 2, 3, 4])
     pool.cache_pages(pages, h)
     pool.reset_prefix_cache()

@@ -221,16 +221,20 @@ def test_seed_and_gen_index_streams() -> None:
 
 
 def test_draw_uses_the_documented_key() -> None:
-    """token = argmax(logits + Gumbel noise of fold_in(PRNGKey(seed), gen_index))."""
-    vocab = 50
+    """token = first index where cumsum(softmax) >= u, u = 1 - uniform(fold_in(key(seed), gen))."""
+    vocab = 300  # more than two blocks of the two-level search
     logits = rand_logits(4, vocab, seed=11, scale=1.0)
     seeds, gens = (0, 7, -3, 2**31 - 1), (0, 5, 2, 100)
     rows = [RowSampling(seed=s, gen_index=g) for s, g in zip(seeds, gens, strict=True)]
     tok = np.asarray(jit_sample(jnp.asarray(logits), tensors(rows), num_top_logprobs=0).token_ids)
     for i, (s, g) in enumerate(zip(seeds, gens, strict=True)):
         key = jax.random.fold_in(jax.random.PRNGKey(s), g)
-        noise = np.asarray(jax.random.gumbel(key, (vocab,), jnp.float32))
-        assert tok[i] == np.argmax(logits[i] + noise)
+        u = 1.0 - float(jax.random.uniform(key, (), jnp.float32))
+        probs = np.exp(logits[i].astype(np.float64) - logits[i].max())
+        cdf = np.cumsum(probs / probs.sum())
+        expected = int(np.searchsorted(cdf, u))
+        # float32 rounding can only move the draw across a boundary that u sits on
+        assert tok[i] == expected or abs(cdf[min(expected, vocab - 1)] - u) < 1e-5
 
 
 def test_row_result_independent_of_batch() -> None:
@@ -303,8 +307,9 @@ def test_build_sampling_arrays() -> None:
     a = build_sampling_arrays(rows, 6, 3, 4)
     assert set(a) == set(SamplingTensors._fields)
     for name in SamplingTensors._fields:
-        want = np.float32 if a[name].dtype.kind == "f" else np.int32
+        want = {"f": np.float32, "b": np.bool_}.get(a[name].dtype.kind, np.int32)
         assert a[name].dtype == want, name
+    assert a["want_logprobs"].dtype == np.bool_ and a["want_logprobs"][0]
     assert a["bias_ids"].shape == (6, 3) and a["history"].shape == (6, 4)
     np.testing.assert_array_equal(a["bias_ids"][0], [9, 4, 0])
     np.testing.assert_array_equal(a["bias_values"][0], [-np.inf, 1.0, 0.0])
@@ -312,8 +317,9 @@ def test_build_sampling_arrays() -> None:
     np.testing.assert_array_equal(a["history"][3], [-1] * 4)
     assert a["prompt_lens"][2] == 2 and a["gen_index"][0] == 3
     assert a["seeds"][0] == fold_seed(2**40 + 5) != fold_seed(5)
-    for pad in (1, 4, 5):  # padding rows: every setting off
-        assert a["temperature"][pad] == 1.0 and a["top_p"][pad] == 1.0
+    for pad in (1, 4, 5):  # padding rows: greedy, every setting off, no logprobs
+        assert a["temperature"][pad] == 0.0 and a["top_p"][pad] == 1.0
+        assert not a["want_logprobs"][pad]
         assert a["top_k"][pad] == 0 and a["repetition_penalty"][pad] == 1.0
     assert fold_seed(123) == 123 and fold_seed(-3) == -3 and fold_seed(2**32 - 1) == -1
     assert fold_seed(2**64 - 1) == 0 and fold_seed(-(2**40)) != fold_seed(0)

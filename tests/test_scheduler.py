@@ -8,6 +8,7 @@ scheduled step reads exactly the request's own tokens through its page table.
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import pytest
 
@@ -18,7 +19,7 @@ from inferflux.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 DUMMY = 999
 
 
-def make_req(rid: str, prompt: list[int] | int, max_tokens: int = 4, **kw: object) -> Request:
+def make_req(rid: str, prompt: list[int] | int, max_tokens: int = 4, **kw: Any) -> Request:
     if isinstance(prompt, int):
         prompt = [1000 + 10 * len(rid) + i for i in range(prompt)]
     kw.setdefault("arrival_time", 0.0)

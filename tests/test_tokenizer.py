@@ -81,7 +81,9 @@ def test_bpe_encode_matches_transformers(folders: dict[str, Path], name: str) ->
     assert bos_first == (name in ("bpe_pp_bos", "bpe_pp_bos_off"))
 
 
-def test_bpe_decode_and_lookups_match_transformers(folders: dict[str, Path], bpe: Tokenizer) -> None:
+def test_bpe_decode_and_lookups_match_transformers(
+    folders: dict[str, Path], bpe: Tokenizer
+) -> None:
     ref = AutoTokenizer.from_pretrained(str(folders["bpe"]))
     rng = random.Random(0)
     for text in TEXTS:

@@ -31,10 +31,53 @@ _BASE_LINES = [
     "Numbers 0123456789, symbols #$%&*+-/<=>@[]^_{|}~ and code: def f(x): return x * 2",
     "Mixed: naïve coöperation, résumé façade, jalapeño 🌶️ 辣椒 hot!",
 ]
-_SYLLABLES = (
-    "ka ri to mu se na lo pe zu fi ch th qu ée ça ñu ö ü ß 的 是 了 人 日 本 語 学 "
-    "ко ра ми де λα πο 😀 🚀 ✨ 한 국 ab cd ing tion ment er ly"
-).split()
+_SYLLABLES = [
+    "ka",
+    "ri",
+    "to",
+    "mu",
+    "se",
+    "na",
+    "lo",
+    "pe",
+    "zu",
+    "fi",
+    "ch",
+    "th",
+    "qu",
+    "ée",
+    "ça",
+    "ñu",
+    "ö",
+    "ü",
+    "ß",
+    "的",
+    "是",
+    "了",
+    "人",
+    "日",
+    "本",
+    "語",
+    "学",
+    "ко",
+    "ра",
+    "ми",
+    "де",
+    "λα",
+    "πο",
+    "😀",
+    "🚀",
+    "✨",
+    "한",
+    "국",
+    "ab",
+    "cd",
+    "ing",
+    "tion",
+    "ment",
+    "er",
+    "ly",
+]
 
 
 def _synthetic_lines(n: int) -> list[str]:
@@ -79,7 +122,7 @@ def write_bpe_tokenizer(
 
     Ids 0..4 are the special tokens `<s>`, `</s>`, `<pad>`, `<|im_start|>`, `<|im_end|>` (bos, eos,
     pad, ChatML markers); the vocabulary has at most `vocab_size` ids (fewer only if the corpus
-    runs out of merges, around 1500). `bos_in_post_processor` writes a post-processor that
+    runs out of merges, above ~5600). `bos_in_post_processor` writes a post-processor that
     prepends `<s>`; `add_bos_token`, when not None, is written to tokenizer_config.json.
     Returns the folder.
     """
@@ -135,7 +178,7 @@ def write_bpe_tokenizer(
 
 def write_sentencepiece_tokenizer(
     folder: str | Path,
-    vocab_size: int = 400,
+    vocab_size: int = 512,
     chat_template: str | None = None,
     *,
     model_type: str = "bpe",
@@ -145,8 +188,9 @@ def write_sentencepiece_tokenizer(
     """Train a Llama-2 style SentencePiece model (byte_fallback) and save it as tokenizer.model.
 
     Ids: 0 `<unk>`, 1 `<s>` (bos), 2 `</s>` (eos), then 256 byte pieces, then learned pieces;
-    `vocab_size` must be at least ~300. Only tokenizer.model is written unless `write_config`
-    (or a chat template / `add_bos_token`) asks for a tokenizer_config.json. Returns the folder.
+    `vocab_size` must be at least ~420 (the corpus' characters + 259). Only tokenizer.model is
+    written unless `write_config` (or a chat template / `add_bos_token`) asks for a
+    tokenizer_config.json. Returns the folder.
     """
     import sentencepiece as spm
 

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.typing import ArrayLike
 
 from inferflux.model_loader import LoadedModel
 from inferflux.sampling import (
@@ -39,16 +40,19 @@ ATTENTION_PAIRS_PER_CHUNK = 1 << 16
 
 
 class StepInput(NamedTuple):
-    """One step's device input; fixed shapes per bucket (T tokens, R rows, P pages per row)."""
+    """One step's input; fixed shapes per bucket (T tokens, R rows, P pages per row).
 
-    input_ids: jax.Array  # i32[T]
-    positions: jax.Array  # i32[T]
-    slot_mapping: jax.Array  # i32[T] page * page_size + offset; padding -> page 0
-    cu_q_lens: jax.Array  # i32[R+1]
-    kv_lens: jax.Array  # i32[R]
-    page_table: jax.Array  # i32[R, P]
-    logits_indices: jax.Array  # i32[R] the token whose logits each row samples from
-    num_seqs: jax.Array  # i32[]
+    Built as numpy arrays on the host; inside the jitted step every field is a jax.Array.
+    """
+
+    input_ids: ArrayLike  # i32[T]
+    positions: ArrayLike  # i32[T]
+    slot_mapping: ArrayLike  # i32[T] page * page_size + offset; padding -> page 0
+    cu_q_lens: ArrayLike  # i32[R+1]
+    kv_lens: ArrayLike  # i32[R]
+    page_table: ArrayLike  # i32[R, P]
+    logits_indices: ArrayLike  # i32[R] the token whose logits each row samples from
+    num_seqs: ArrayLike  # i32[]
     sampling: SamplingTensors
 
 
@@ -122,7 +126,7 @@ class ModelRunner:
         return min(bucket, self.max_num_seqs)
 
     # ---- host packing -------------------------------------------------------------------
-    def prepare(self, sched: SchedulerOutput, rows: list[RowSampling]) -> StepInput:
+    def prepare(self, sched: SchedulerOutput, rows: list[RowSampling | None]) -> StepInput:
         """Packs the scheduled requests (row i = sched.scheduled[i]) into numpy arrays."""
         t_bucket = self.bucket_for(sched.num_scheduled_tokens)
         r_bucket = self.rows_for(t_bucket)
@@ -160,12 +164,12 @@ class ModelRunner:
             page_table=page_table,
             logits_indices=logits_indices,
             num_seqs=np.int32(len(sched.scheduled)),
-            sampling=SamplingTensors(**sampling),
+            sampling=_host_sampling(sampling),
         )
 
     # ---- device -------------------------------------------------------------------------
     def execute(self, inp: StepInput) -> StepResult:
-        step = self._steps[inp.input_ids.shape[0]]
+        step = self._steps[np.shape(inp.input_ids)[0]]
         self.kv_caches, out = step(self.model.state, self.kv_caches, inp)
         host = jax.device_get(out)
         return StepResult(
@@ -191,9 +195,14 @@ class ModelRunner:
                 page_table=np.zeros((r, self.pages_per_seq), np.int32),
                 logits_indices=np.zeros(r, np.int32),
                 num_seqs=np.int32(0),
-                sampling=SamplingTensors(**sampling),
+                sampling=_host_sampling(sampling),
             )
             self.execute(inp)
         elapsed = time.perf_counter() - start
         logger.info("compiled %d step buckets in %.1fs", len(self.token_buckets), elapsed)
         return elapsed
+
+
+def _host_sampling(arrays: dict[str, np.ndarray]) -> SamplingTensors:
+    """The host-side (numpy) SamplingTensors; jit turns the fields into jax.Arrays."""
+    return SamplingTensors(**arrays)  # type: ignore[arg-type]

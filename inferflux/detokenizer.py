@@ -83,6 +83,23 @@ class IncrementalDetokenizer:
             self._output_text = None
         return delta
 
+    def flush(self) -> str:
+        """At the end of generation: emit whatever is still held back (an incomplete
+        character decodes to U+FFFD, as the full decode shows it)."""
+        if self._read_offset >= len(self._ids):
+            return ""
+        skip = self.skip_special_tokens
+        prefix_text = self.tokenizer.decode(
+            self._ids[self._prefix_offset : self._read_offset], skip
+        )
+        full_text = self.tokenizer.decode(self._ids[self._prefix_offset :], skip)
+        delta = full_text[len(prefix_text) :]
+        self._prefix_offset = self._read_offset = len(self._ids)
+        if delta:
+            self._pieces.append(delta)
+            self._output_text = None
+        return delta
+
     def _compact(self) -> None:
         """Drop ids before the window so memory stays bounded on long generations."""
         if self._prefix_offset > 64:

@@ -284,9 +284,13 @@ class LLMEngine:
         if params.logprobs is not None:
             seq.logprobs.append(self._logprob_entry(res, row, token, params.logprobs))
         n_out = req.num_output_tokens
+        # NOTE: the stop token itself is not detokenized; text held back (an incomplete
+        # character) is flushed so the text equals the full decode.
         if token in req.eos_token_ids and not params.ignore_eos:
+            seq.text += seq.detokenizer.flush()
             return self._finish(seq, RequestStatus.FINISHED_STOPPED, None)
         if params.stop_token_ids and token in params.stop_token_ids:
+            seq.text += seq.detokenizer.flush()
             return self._finish(seq, RequestStatus.FINISHED_STOPPED, token)
         before = len(seq.text)
         seq.text += seq.detokenizer.add_tokens([token])
@@ -299,6 +303,7 @@ class LLMEngine:
                 seq.text = seq.text[:keep]
                 return self._finish(seq, RequestStatus.FINISHED_STOPPED, stop)
         if n_out >= req.max_tokens:
+            seq.text += seq.detokenizer.flush()
             self._finish(seq, RequestStatus.FINISHED_LENGTH, None)
 
     def _finish(self, seq: _Sequence, status: RequestStatus, reason: int | str | None) -> None:

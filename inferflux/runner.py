@@ -99,7 +99,7 @@ class ModelRunner:
         self.token_buckets = token_buckets
         self.pages_per_seq = -(-max_model_len // page_size)
         cfg = model.config
-        shape = (cfg.num_kv_heads, num_pages, page_size, cfg.head_dim)  # [KV, N, S, D]
+        shape = (num_pages, cfg.num_kv_heads, page_size, cfg.head_dim)  # [N, KV, S, D]
         self.kv_caches = [
             (jnp.zeros(shape, model.dtype), jnp.zeros(shape, model.dtype))
             for _ in range(cfg.num_layers)

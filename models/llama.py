@@ -149,7 +149,7 @@ class DecoderLayer(nnx.Module):
     def __call__(
         self,
         x: jax.Array,  # [T, E]
-        kv_cache: tuple[jax.Array, jax.Array],  # 2 x [KV, N, S, D]
+        kv_cache: tuple[jax.Array, jax.Array],  # 2 x [N, KV, S, D]
         batch: StepBatch,
         inv_freq: np.ndarray,
         chunk_tokens: int,

@@ -59,7 +59,7 @@ def ragged_logits(
     cfg = model.config
     num_pages = 1 + sum(-(-len(p) // page_size) for p in prompts)
     batch = pack_prompts(prompts, page_size, num_pages)
-    shape = (cfg.num_kv_heads, num_pages, page_size, cfg.head_dim)
+    shape = (num_pages, cfg.num_kv_heads, page_size, cfg.head_dim)
     caches = [(jnp.zeros(shape, model.dtype), jnp.zeros(shape, model.dtype))] * cfg.num_layers
 
     @jax.jit

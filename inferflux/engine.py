@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 
 from inferflux.config import EngineConfig
@@ -85,6 +86,9 @@ class PreparedRequest:
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
+        if config.compilation_cache_dir:
+            # NOTE: restarts then load the compiled step buckets instead of recompiling them.
+            jax.config.update("jax_compilation_cache_dir", config.compilation_cache_dir)
         self.model = load_model(config.model, config.dtype)
         self.tokenizer = Tokenizer.from_pretrained(config.tokenizer or config.model)
         model_cfg = self.model.config

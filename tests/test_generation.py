@@ -117,3 +117,27 @@ def test_preemption_preserves_outputs(tiny_checkpoint) -> None:
     assert preempted, "the page budget should have forced a preemption"
     assert_matches_reference(outputs, hf_greedy(folder, prompts))
     assert llm.engine.scheduler.kv_cache_usage == 0.0
+
+
+def test_sentencepiece_only_checkpoint(tiny_checkpoint, tmp_path) -> None:
+    """A checkpoint with only tokenizer.model: text in, text out, decoded by sentencepiece."""
+    import shutil
+
+    import sentencepiece as spm
+
+    from tests.tokenizer_fixtures import write_sentencepiece_tokenizer
+
+    src = tiny_checkpoint("llama", vocab_size=512)  # the sentencepiece fixture's vocabulary
+    folder = tmp_path / "sp"
+    shutil.copytree(src, folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / name).unlink()
+    write_sentencepiece_tokenizer(folder, vocab_size=512)
+    assert not (folder / "tokenizer.json").exists() and (folder / "tokenizer.model").exists()
+    llm = LLM(str(folder), **ENGINE_ARGS)
+    out = llm.generate("Hello world, this is a test", GREEDY, use_tqdm=False)[0]
+    sp = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+    assert out.prompt_token_ids == [sp.bos_id(), *sp.encode("Hello world, this is a test")]
+    seq = out.outputs[0]
+    full = sp.decode(out.prompt_token_ids + seq.token_ids)
+    assert full == sp.decode(out.prompt_token_ids) + seq.text

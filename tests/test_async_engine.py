@@ -10,15 +10,7 @@ from inferflux import SamplingParams
 from inferflux.async_engine import AsyncEngine
 from inferflux.config import EngineConfig
 from inferflux.engine import LLMEngine, merge_delta
-
-ARGS = dict(
-    max_model_len=96,
-    max_num_seqs=8,
-    max_num_batched_tokens=32,
-    token_buckets=(8, 32),
-    page_size=4,
-    dtype="float32",
-)
+from tests.test_engine import ARGS
 
 
 @pytest.fixture(scope="module")

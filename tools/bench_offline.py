@@ -36,20 +36,23 @@ SHAPES = {
 
 
 def memory_bandwidth_gbs(size_mb: int = 1024, repeats: int = 5) -> float:
-    """Read bandwidth: a jitted sum over a large array (what a decode step does to its weights),
-    best of N, in GB/s."""
+    """Read bandwidth in GB/s: the best of a jitted sum and a jitted matrix-vector product over
+    `size_mb` of float32 (the second is what a batch-1 decode step does to its weights)."""
     import jax
     import jax.numpy as jnp
 
-    data = jnp.ones((size_mb * (1 << 20) // 4,), jnp.float32)
-    total = jax.jit(jnp.sum)
-    total(data).block_until_ready()
+    side = int((size_mb * (1 << 20) // 4) ** 0.5)
+    matrix = jnp.ones((side, side), jnp.float32)
+    vector = jnp.ones((side,), jnp.float32)
+    programs = [(jax.jit(jnp.sum), (matrix,)), (jax.jit(jnp.matmul), (matrix, vector))]
     best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        total(data).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return data.nbytes / best / 1e9
+    for fn, args in programs:
+        fn(*args).block_until_ready()
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn(*args).block_until_ready()
+            best = min(best, time.perf_counter() - start)
+    return matrix.nbytes / best / 1e9
 
 
 def make_prompts(batch: int, prompt_len: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -137,7 +140,9 @@ def main(argv: list[str] | None = None) -> None:
             f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, cpus: {os.cpu_count()}"
         )
         bandwidth = memory_bandwidth_gbs()
-        print(f"memory read bandwidth (jitted sum of 1 GiB): {bandwidth:.1f} GB/s")
+        print(
+            f"memory read bandwidth (best of jitted sum / matvec over 1 GiB): {bandwidth:.1f} GB/s"
+        )
         ours = bench_inferflux(Path(folder), args.batches, args)
         print(f"inferflux startup {ours['startup_s']}s (compile {ours['warm_up_s']}s)")
         theirs = (

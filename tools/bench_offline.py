@@ -150,7 +150,8 @@ def main(argv: list[str] | None = None) -> None:
         )
 
     itemsize = 4 if args.dtype == "float32" else 2
-    weight_bytes = params * itemsize if params else None
+    # A decode step reads every weight once, except the embedding table (one row per token).
+    weight_bytes = (params - shape.vocab * shape.hidden) * itemsize if params else None
     rows = []
     header = f"{'batch':>5} {'inferflux tok/s':>16} {'transformers tok/s':>19} {'ratio':>6} {'weight GB/s':>12} {'of roofline':>12}"
     print(header)

@@ -32,7 +32,7 @@ def prompts_for(vocab: int, lens=(5, 17, 9, 30), seed: int = 0) -> list[list[int
     return [rng.integers(0, vocab, size=n).tolist() for n in lens]
 
 
-def hf_greedy(folder, prompts: list[list[int]], new_tokens: int = NEW_TOKENS):
+def hf_greedy(folder, prompts: list[list[int]], new_tokens: int = NEW_TOKENS, **gen_kwargs):
     """Per prompt: transformers' greedy tokens and the index of its first near-tie."""
     hf = load_hf_model(folder)
     # NOTE: `ignore_eos` keeps generating through EOS (it may still be picked); transformers'
@@ -46,12 +46,15 @@ def hf_greedy(folder, prompts: list[list[int]], new_tokens: int = NEW_TOKENS):
                 max_new_tokens=new_tokens,
                 do_sample=False,
                 output_logits=True,
+                output_scores=True,
                 return_dict_in_generate=True,
                 pad_token_id=0,
+                **gen_kwargs,
             )
         tokens = out.sequences[0, len(p) :].tolist()
         tie = new_tokens
-        for i, logits in enumerate(out.logits):
+        # NOTE: `scores` are the processed logits the choice was made on (penalties included).
+        for i, logits in enumerate(out.scores if gen_kwargs else out.logits):
             top2 = torch.topk(logits[0].float(), 2).values
             if float(top2[0] - top2[1]) < 1e-3:
                 tie = i
@@ -141,3 +144,18 @@ def test_sentencepiece_only_checkpoint(tiny_checkpoint, tmp_path) -> None:
     seq = out.outputs[0]
     full = sp.decode(out.prompt_token_ids + seq.token_ids)
     assert full == sp.decode(out.prompt_token_ids) + seq.text
+
+
+def test_repetition_penalty_matches_transformers(tiny_checkpoint) -> None:
+    """The penalty path end to end: greedy with repetition_penalty against transformers'."""
+    folder = tiny_checkpoint("qwen3")
+    llm = LLM(str(folder), **ENGINE_ARGS)
+    prompts = prompts_for(llm.engine.vocab_size, lens=(6, 21), seed=3)
+    refs = hf_greedy(folder, prompts, repetition_penalty=1.8)
+    params = SamplingParams(
+        temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, repetition_penalty=1.8
+    )
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    assert_matches_reference(outputs, refs)
+    plain = llm.generate(prompts, GREEDY, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in plain] != [o.outputs[0].token_ids for o in outputs]

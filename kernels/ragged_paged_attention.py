@@ -24,6 +24,7 @@ import jax.numpy as jnp
 # instead of producing NaN.
 _MASKED = -1e30
 MAX_PAGES_PER_CHUNK = 4
+_UNROLLED_WRITES = 4
 
 
 def write_kv(
@@ -35,9 +36,19 @@ def write_kv(
 ) -> tuple[jax.Array, jax.Array]:
     page_size = k_cache.shape[2]
     page, offset = slot_mapping // page_size, slot_mapping % page_size
+    k, v = k.astype(k_cache.dtype), v.astype(v_cache.dtype)
+    if k.shape[0] <= _UNROLLED_WRITES:
+        # NOTE: for a few tokens, one dynamic-update-slice each is cheaper on XLA:CPU than the
+        # scatter, which lowers to a masked update of the whole cache.
+        zero = jnp.zeros((), jnp.int32)
+        for t in range(k.shape[0]):
+            start = (page[t], zero, offset[t], zero)
+            k_cache = jax.lax.dynamic_update_slice(k_cache, k[t][None, :, None, :], start)
+            v_cache = jax.lax.dynamic_update_slice(v_cache, v[t][None, :, None, :], start)
+        return k_cache, v_cache
     # NOTE: several padding tokens may write the same slot of page 0; any of them may win.
-    k_cache = k_cache.at[page, :, offset].set(k.astype(k_cache.dtype), mode="promise_in_bounds")
-    v_cache = v_cache.at[page, :, offset].set(v.astype(v_cache.dtype), mode="promise_in_bounds")
+    k_cache = k_cache.at[page, :, offset].set(k, mode="promise_in_bounds")
+    v_cache = v_cache.at[page, :, offset].set(v, mode="promise_in_bounds")
     return k_cache, v_cache
 
 

@@ -73,15 +73,18 @@ def test_paged_equals_dense(chunk_tokens: int, window: int | None) -> None:
         np.testing.assert_allclose(out[cu[r] : cu[r + 1]], np.asarray(ref), atol=2e-5, rtol=0)
 
 
-def test_write_kv_places_tokens_in_their_slots() -> None:
+@pytest.mark.parametrize("extra_padding", [0, 5])  # 3 tokens: unrolled updates; 8: a scatter
+def test_write_kv_places_tokens_in_their_slots(extra_padding: int) -> None:
     k_cache = jnp.zeros((5, KV, S, D))
     v_cache = jnp.zeros((5, KV, S, D))
-    k = jnp.arange(3 * KV * D, dtype=jnp.float32).reshape(3, KV, D)
-    slots = jnp.asarray([2 * S + 1, 4 * S + 3, 0], jnp.int32)  # the last is a padding token
-    k2, v2 = write_kv(k_cache, v_cache, k, -k, slots)
+    n = 3 + extra_padding
+    k = jnp.arange(1, n * KV * D + 1, dtype=jnp.float32).reshape(n, KV, D)
+    slots = jnp.asarray([2 * S + 1, 4 * S + 3] + [0] * (1 + extra_padding), jnp.int32)
+    k2, v2 = jax.jit(write_kv)(k_cache, v_cache, k, -k, slots)  # the rest are padding tokens
     np.testing.assert_array_equal(np.asarray(k2[2, :, 1]), np.asarray(k[0]))
     np.testing.assert_array_equal(np.asarray(k2[4, :, 3]), np.asarray(k[1]))
     np.testing.assert_array_equal(np.asarray(v2[4, :, 3]), -np.asarray(k[1]))
     touched = np.zeros((5, S), bool)
     touched[2, 1] = touched[4, 3] = touched[0, 0] = True
     assert not np.asarray(k2).transpose(0, 2, 1, 3)[~touched].any()
+    assert np.asarray(k2)[0, :, 0].any()  # padding wrote into the dump page

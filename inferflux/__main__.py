@@ -1,4 +1,4 @@
-"""Command-line generation: `python -m inferflux --model PATH "PROMPT" ...`.
+"""Command-line generation: `python -m inferflux [--model PATH] "PROMPT" ...`.
 
 Loads a Hugging Face checkpoint folder into an offline `LLM`, generates a completion for each
 prompt (or each chat message with `--chat`) and prints it. Completions go to stdout; prompt
@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from inferflux.config import EngineConfig
+from inferflux.config import DEFAULT_MODEL, EngineConfig
 from inferflux.sampling_params import SamplingParams
 
 PROG = "python -m inferflux"
@@ -24,6 +24,7 @@ DEFAULT_MAX_NUM_SEQS = 8
 
 EPILOG = """\
 examples:
+  python -m inferflux "ROMEO."                             # the bundled Shakespeare model
   python tools/tiny_checkpoint.py /tmp/inferflux-tiny     # a tiny random model (output is noise)
   python -m inferflux --model /tmp/inferflux-tiny "Once upon a time"
   python -m inferflux --model /tmp/inferflux-tiny --chat --temperature 0 "Hello!" "Who are you?"
@@ -46,7 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("prompts", nargs="+", metavar="PROMPT", help="one or more prompts")
-    p.add_argument("--model", required=True, metavar="PATH", help="checkpoint folder")
+    p.add_argument(
+        "--model",
+        default=str(DEFAULT_MODEL),
+        metavar="PATH",
+        help="checkpoint folder (default: the bundled Shakespeare model)",
+    )
     p.add_argument("--tokenizer", metavar="PATH", help="tokenizer folder (default: --model)")
     p.add_argument(
         "--chat",

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
 DEFAULT_KV_CACHE_BYTES = 2 << 30  # 2 GiB unless num_pages says otherwise
+# The small Llama trained on Shakespeare that ships with the package (tools/train_default_model.py).
+DEFAULT_MODEL = Path(__file__).resolve().parent / "default_model"
 
 
 @dataclass(frozen=True)

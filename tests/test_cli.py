@@ -8,6 +8,7 @@ test fails if the CLI drops a flag, mixes up prompts or prints the wrong text.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -156,3 +157,11 @@ def test_bad_sampling_setting_and_help(checkpoint: Path) -> None:
     assert proc.returncode == 0
     for flag in ("--model", "--chat", "--max-tokens", "--temperature", "--max-model-len"):
         assert flag in proc.stdout
+
+
+def test_readme_main_command_uses_the_bundled_model(cli_env: dict[str, str]) -> None:
+    """`python -m inferflux "ROMEO."` with no --model: the bundled model, real words out."""
+    proc = run_cli(["--temperature=0", "--max-tokens=24", *ENGINE_FLAGS[:3], "ROMEO."], cli_env)
+    assert proc.returncode == 0, proc.stderr
+    assert "default_model" in proc.stderr  # the loading line names the bundled folder
+    assert len(re.findall(r"[A-Za-z]{3,}", proc.stdout)) >= 4, proc.stdout

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +28,9 @@ class EngineConfig:
     token_buckets: tuple[int, ...] | None = None  # default: powers of two to the token budget
     enable_prefix_caching: bool = True
     seed: int = 0  # seeds for requests that bring none are drawn from this
-    compilation_cache_dir: str | None = None  # JAX persistent compilation cache
+    # JAX's persistent compilation cache: "auto" is $INFERFLUX_CACHE_DIR/xla or
+    # ~/.cache/inferflux/xla; None or "" turns it off. Restarts then skip most compiling.
+    compilation_cache_dir: str | None = "auto"
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "page_size", "kv_cache_bytes"):
@@ -53,6 +56,14 @@ class EngineConfig:
                     f"({self.max_num_batched_tokens}), got {self.token_buckets}"
                 )
             object.__setattr__(self, "token_buckets", buckets)
+
+    def resolved_compilation_cache_dir(self) -> str | None:
+        if not self.compilation_cache_dir:
+            return None
+        if self.compilation_cache_dir != "auto":
+            return self.compilation_cache_dir
+        root = os.environ.get("INFERFLUX_CACHE_DIR") or str(Path.home() / ".cache" / "inferflux")
+        return str(Path(root) / "xla")
 
     def replace(self, **changes: object) -> EngineConfig:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]

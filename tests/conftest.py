@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 
 # NOTE: these must be set before anything imports jax; an explicit JAX_PLATFORMS wins.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Engines in one test session share compiled steps through a fresh cache of their own: nothing
+# is read from or written to ~/.cache, and no run depends on an earlier one.
+os.environ.setdefault("INFERFLUX_CACHE_DIR", tempfile.mkdtemp(prefix="inferflux-test-cache-"))
 if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (
         os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"

@@ -226,3 +226,13 @@ def test_chat_applies_the_checkpoint_template(llm: LLM, tiny_checkpoint) -> None
         expected = expected["input_ids"]
     assert out.prompt_token_ids == list(expected)
     assert len(out.outputs[0].token_ids) == 3
+
+
+def test_compiled_steps_go_to_the_persistent_cache(llm: LLM) -> None:
+    """Restarts load compiled buckets: the engine points JAX's cache at INFERFLUX_CACHE_DIR."""
+    import os
+    from pathlib import Path
+
+    cache = Path(os.environ["INFERFLUX_CACHE_DIR"]) / "xla"
+    assert llm.engine.config.resolved_compilation_cache_dir() == str(cache)
+    assert any(p.name.startswith("jit_step_fn") for p in cache.iterdir())

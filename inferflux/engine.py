@@ -62,6 +62,8 @@ class _Parent:
     sequences: list[_Sequence]
     arrival_time: float
     first_token_time: float | None = None
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None  # filled as prefill runs
+    prompt_logprobs_emitted: bool = False
 
     @property
     def finished(self) -> bool:
@@ -273,6 +275,8 @@ class LLMEngine:
             RowSampling.from_request(s.request) if s.will_sample else None for s in sched.scheduled
         ]
         result = self.runner.execute(self.runner.prepare(sched, rows))
+        if result.prompt is not None:
+            self._record_prompt_logprobs(sched.scheduled, result)
         row_of = {id(s.request): i for i, s in enumerate(sched.scheduled)}
         touched: dict[str, _Parent] = {}
         now = time.monotonic()
@@ -312,6 +316,42 @@ class LLMEngine:
         if n_out >= req.max_tokens:
             seq.text += seq.detokenizer.flush()
             self._finish(seq, RequestStatus.FINISHED_LENGTH, None)
+
+    def _record_prompt_logprobs(self, scheduled: list[Any], result: StepResult) -> None:
+        """Prompt token p + 1 is scored by the logits at position p (packed at start + p - nc)."""
+        assert result.prompt is not None
+        start = 0
+        for item in scheduled:
+            req, first, n = item.request, item.num_computed_tokens, item.num_new_tokens
+            k = req.sampling_params.prompt_logprobs
+            parent, seq = self._by_child.get(req.request_id, (None, None))
+            if k is not None and parent is not None and seq is not None and seq.index == 0:
+                entries = parent.prompt_logprobs
+                if entries is None:
+                    entries = parent.prompt_logprobs = [None]
+                prompt = req.prompt_token_ids
+                # NOTE: positions recorded before a preemption are not recorded twice.
+                for p in range(max(first, len(entries) - 1), min(first + n, len(prompt) - 1)):
+                    t = start + p - first
+                    entries.append(self._prompt_entry(result, t, prompt[p + 1], k))
+            start += n
+
+    def _prompt_entry(self, res: StepResult, t: int, token: int, k: int) -> dict[int, Logprob]:
+        prompt = res.prompt
+        assert prompt is not None
+        entry = {
+            token: Logprob(
+                float(prompt.target_logprobs[t]),
+                int(prompt.target_ranks[t]),
+                self._token_text(token),
+            )
+        }
+        for rank, (tid, lp) in enumerate(
+            zip(prompt.top_ids[t, :k], prompt.top_logprobs[t, :k], strict=True), start=1
+        ):
+            if int(tid) not in entry:
+                entry[int(tid)] = Logprob(float(lp), rank, self._token_text(int(tid)))
+        return entry
 
     def _finish(self, seq: _Sequence, status: RequestStatus, reason: int | str | None) -> None:
         seq.finish_reason = status.value
@@ -367,6 +407,14 @@ class LLMEngine:
             self._parents.pop(parent.request_id, None)
             for seq in parent.sequences:
                 self._by_child.pop(seq.request.request_id, None)
+        prompt_logprobs = None
+        entries = parent.prompt_logprobs
+        if (
+            entries is not None
+            and not parent.prompt_logprobs_emitted
+            and len(entries) == len(parent.prompt_token_ids)
+        ):
+            prompt_logprobs, parent.prompt_logprobs_emitted = entries, True
         metrics = {"arrival_time": parent.arrival_time}
         if parent.first_token_time is not None:
             metrics["first_token_time"] = parent.first_token_time
@@ -376,6 +424,7 @@ class LLMEngine:
             prompt_token_ids=parent.prompt_token_ids,
             outputs=outs,
             finished=finished,
+            prompt_logprobs=prompt_logprobs,
             num_cached_tokens=min(s.request.num_cached_tokens for s in parent.sequences),
             metrics=metrics,
         )
@@ -399,6 +448,8 @@ def merge_delta(acc: RequestOutput | None, delta: RequestOutput) -> RequestOutpu
         cur.stop_reason = d.stop_reason
     acc.outputs = [by_index[i] for i in sorted(by_index)]
     acc.finished = delta.finished
+    if delta.prompt_logprobs is not None:
+        acc.prompt_logprobs = delta.prompt_logprobs
     acc.num_cached_tokens = delta.num_cached_tokens
     acc.metrics.update(delta.metrics)
     return acc

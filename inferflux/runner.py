@@ -53,7 +53,18 @@ class StepInput(NamedTuple):
     page_table: ArrayLike  # i32[R, P]
     logits_indices: ArrayLike  # i32[R] the token whose logits each row samples from
     num_seqs: ArrayLike  # i32[]
+    prompt_targets: ArrayLike  # i32[T] the next prompt token, for prompt logprobs; -1: none
     sampling: SamplingTensors
+
+
+class PromptLogprobs(NamedTuple):
+    """Per packed token: the raw logprob and rank of its target (the next prompt token) and
+    the top-K alternatives. Zeros unless some token has a target."""
+
+    target_logprobs: jax.Array  # f32[T]
+    target_ranks: jax.Array  # i32[T]
+    top_ids: jax.Array  # i32[T, K]
+    top_logprobs: jax.Array  # f32[T, K]
 
 
 @dataclass
@@ -65,6 +76,7 @@ class StepResult:
     ranks: np.ndarray  # [R]
     top_ids: np.ndarray  # [R, K]
     top_logprobs: np.ndarray  # [R, K]
+    prompt: PromptLogprobs | None = None  # numpy fields; None when no token asked
 
 
 def step_fn(
@@ -73,12 +85,33 @@ def step_fn(
     state: Any,
     kv_caches: list[tuple[jax.Array, jax.Array]],
     inp: StepInput,
-) -> tuple[list[tuple[jax.Array, jax.Array]], SamplerOutput]:
+) -> tuple[list[tuple[jax.Array, jax.Array]], tuple[SamplerOutput, PromptLogprobs]]:
     """The pure step: forward over the packed tokens, logits of each row, sampling."""
     model = nnx.merge(graphdef, state)
     kv_caches, hidden = model(kv_caches, inp, chunk_tokens)  # hidden [T, E]
     logits = model.compute_logits(hidden[inp.logits_indices])  # [R, V] f32
-    return kv_caches, sample(logits, inp.sampling, MAX_LOGPROBS)
+    targets = jnp.asarray(inp.prompt_targets)
+    num_tokens, k = targets.shape[0], MAX_LOGPROBS
+
+    def prompt_logprobs(h: jax.Array) -> PromptLogprobs:
+        raw = jax.nn.log_softmax(model.compute_logits(h), axis=-1)  # [T, V]
+        safe = jnp.maximum(targets, 0)
+        target_lp = jnp.take_along_axis(raw, safe[:, None], axis=1)[:, 0]
+        ranks = 1 + jnp.sum(raw > target_lp[:, None], axis=-1).astype(jnp.int32)
+        top_lp, top_ids = jax.lax.top_k(raw, k)
+        return PromptLogprobs(target_lp, ranks, top_ids.astype(jnp.int32), top_lp)
+
+    def none(_: jax.Array) -> PromptLogprobs:
+        return PromptLogprobs(
+            jnp.zeros((num_tokens,), jnp.float32),
+            jnp.zeros((num_tokens,), jnp.int32),
+            jnp.zeros((num_tokens, k), jnp.int32),
+            jnp.zeros((num_tokens, k), jnp.float32),
+        )
+
+    # NOTE: logits of every packed token ([T, V]) only when a request asked for prompt logprobs.
+    prompt = jax.lax.cond(jnp.any(targets >= 0), prompt_logprobs, none, hidden)
+    return kv_caches, (sample(logits, inp.sampling, MAX_LOGPROBS), prompt)
 
 
 class ModelRunner:
@@ -138,6 +171,7 @@ class ModelRunner:
         kv_lens = np.zeros(r_bucket, np.int32)
         page_table = np.zeros((r_bucket, self.pages_per_seq), np.int32)
         logits_indices = np.zeros(r_bucket, np.int32)
+        prompt_targets = np.full(t_bucket, -1, np.int32)
         start = 0
         for i, item in enumerate(sched.scheduled):
             req, n = item.request, item.num_new_tokens
@@ -152,6 +186,12 @@ class ModelRunner:
             kv_lens[i] = first + n
             page_table[i, : len(pages)] = pages
             logits_indices[i] = end - 1
+            if req.sampling_params.prompt_logprobs is not None:
+                # token at position p is scored against prompt token p + 1
+                prompt = req.prompt_token_ids
+                last = min(first + n, len(prompt) - 1)
+                if last > first:
+                    prompt_targets[start : start + last - first] = prompt[first + 1 : last + 1]
             start = end
         cu_q_lens[len(sched.scheduled)] = start
         sampling = build_sampling_arrays(rows, r_bucket, BIAS_WIDTH, self.max_model_len)
@@ -164,20 +204,23 @@ class ModelRunner:
             page_table=page_table,
             logits_indices=logits_indices,
             num_seqs=np.int32(len(sched.scheduled)),
+            prompt_targets=prompt_targets,
             sampling=_host_sampling(sampling),
         )
 
     # ---- device -------------------------------------------------------------------------
     def execute(self, inp: StepInput) -> StepResult:
         step = self._steps[np.shape(inp.input_ids)[0]]
-        self.kv_caches, out = step(self.model.state, self.kv_caches, inp)
-        host = jax.device_get(out)
+        self.kv_caches, (out, prompt) = step(self.model.state, self.kv_caches, inp)
+        wants_prompt = bool((np.asarray(inp.prompt_targets) >= 0).any())
+        host, host_prompt = jax.device_get((out, prompt if wants_prompt else None))
         return StepResult(
             np.asarray(host.token_ids),
             np.asarray(host.logprobs),
             np.asarray(host.ranks),
             np.asarray(host.top_ids),
             np.asarray(host.top_logprobs),
+            host_prompt,
         )
 
     def warm_up(self) -> float:
@@ -195,6 +238,7 @@ class ModelRunner:
                 page_table=np.zeros((r, self.pages_per_seq), np.int32),
                 logits_indices=np.zeros(r, np.int32),
                 num_seqs=np.int32(0),
+                prompt_targets=np.full(t, -1, np.int32),
                 sampling=_host_sampling(sampling),
             )
             self.execute(inp)

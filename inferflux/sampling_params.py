@@ -31,6 +31,7 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     logprobs: int | None = None  # None: off; k: the sampled token plus k alternatives
+    prompt_logprobs: int | None = None  # None: off; k: each prompt token plus k alternatives
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     stop_strings: tuple[str, ...] = field(init=False, default=())
@@ -81,6 +82,8 @@ class SamplingParams:
             _check_int("seed", self.seed, lo=-(1 << 63), hi=(1 << 64) - 1)
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, lo=0, hi=MAX_LOGPROBS)
+        if self.prompt_logprobs is not None:
+            _check_int("prompt_logprobs", self.prompt_logprobs, lo=0, hi=MAX_LOGPROBS)
         if self.logit_bias:
             if len(self.logit_bias) > MAX_LOGIT_BIAS:
                 raise ValueError(

@@ -269,7 +269,10 @@ class Scheduler:
         ps = self.config.page_size
         hashes: list[int] = []
         hit: list[int] = []
-        if self.config.enable_prefix_caching:
+        # NOTE: prompt logprobs need the logits of every prompt position, so such requests
+        # compute their whole prompt instead of taking it from the prefix cache.
+        wants_prompt = req.sampling_params.prompt_logprobs is not None
+        if self.config.enable_prefix_caching and not wants_prompt:
             hashes = self._page_hashes(req, req.num_tokens // ps)
             # NOTE: the hit never covers the last token: the step must produce its logits.
             hashes = hashes[: (req.num_tokens - 1) // ps]

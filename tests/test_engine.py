@@ -51,7 +51,13 @@ def test_no_compilation_after_warm_up(llm: LLM, compiles: list[str]) -> None:
     params = [
         greedy(),
         SamplingParams(temperature=0.8, top_k=5, top_p=0.9, seed=1, max_tokens=10),
-        SamplingParams(repetition_penalty=1.3, presence_penalty=0.5, logprobs=3, max_tokens=7),
+        SamplingParams(
+            repetition_penalty=1.3,
+            presence_penalty=0.5,
+            logprobs=3,
+            prompt_logprobs=2,
+            max_tokens=7,
+        ),
         SamplingParams(n=3, temperature=1.0, min_p=0.1, logit_bias={5: 3.0}, max_tokens=12),
     ]
     llm.generate(prompts, params, use_tqdm=False)
@@ -236,3 +242,26 @@ def test_compiled_steps_go_to_the_persistent_cache(llm: LLM) -> None:
     cache = Path(os.environ["INFERFLUX_CACHE_DIR"]) / "xla"
     assert llm.engine.config.resolved_compilation_cache_dir() == str(cache)
     assert any(p.name.startswith("jit_step_fn") for p in cache.iterdir())
+
+
+def test_prompt_logprobs_match_transformers(llm: LLM, tiny_checkpoint) -> None:
+    """Every prompt token's logprob and top alternatives, across chunked prefill steps."""
+    prompt = [(7 * i + 3) % 300 for i in range(45)]  # longer than the 32-token budget
+    params = SamplingParams(temperature=0.0, max_tokens=2, prompt_logprobs=3)
+    first = llm.generate(prompt, params, use_tqdm=False)[0]
+    # The same prompt again: the prefix cache holds it, but prompt logprobs recompute it.
+    again = llm.generate(prompt, params, use_tqdm=False)[0]
+    hf = load_hf_model(tiny_checkpoint("llama"))
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([prompt])).logits[0].float(), -1).numpy()
+    for out in (first, again):
+        entries = out.prompt_logprobs
+        assert entries is not None and len(entries) == len(prompt) and entries[0] is None
+        for p in range(1, len(prompt)):
+            row, tok = ref[p - 1], prompt[p]
+            entry = entries[p]
+            np.testing.assert_allclose(entry[tok].logprob, row[tok], atol=1e-4)
+            assert entry[tok].rank == 1 + int((row > row[tok]).sum())
+            for rank, t in enumerate(np.argsort(-row)[:3], start=1):
+                assert entry[int(t)].rank == rank
+    assert llm.generate(prompt, greedy(max_tokens=2), use_tqdm=False)[0].prompt_logprobs is None

@@ -124,6 +124,33 @@ def _pad_vocab(tok: Tokenizer, vocab_size: int) -> Tokenizer:
     return Tokenizer.from_str(json.dumps(spec))
 
 
+def tokenizer_config(
+    special: dict[int, str], chat_template: str, bos: str, eos: str, pad: str, max_length: int
+) -> dict[str, object]:
+    """tokenizer_config.json for a `tokenizers` BPE: special tokens by id, the chat template."""
+    added = {
+        str(i): {
+            "content": t,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
+        }
+        for i, t in special.items()
+    }
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": bos,
+        "eos_token": eos,
+        "pad_token": pad,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": max_length,
+        "added_tokens_decoder": added,
+        "chat_template": chat_template,
+    }
+
+
 def write_tokenizer(out_dir: str | Path, vocab_size: int) -> dict[str, int]:
     """Write tokenizer.json + tokenizer_config.json; return the special tokens' ids by name."""
     out = Path(out_dir)
@@ -135,29 +162,10 @@ def write_tokenizer(out_dir: str | Path, vocab_size: int) -> dict[str, int]:
         token_id = tok.token_to_id(name)
         assert token_id is not None, name
         ids[name] = token_id
-    added = {
-        str(ids[t]): {
-            "content": t,
-            "lstrip": False,
-            "normalized": False,
-            "rstrip": False,
-            "single_word": False,
-            "special": True,
-        }
-        for t in SPECIAL_TOKENS
-    }
-    config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": BOS,
-        "eos_token": EOS,
-        "pad_token": PAD,
-        "add_bos_token": True,
-        "add_eos_token": False,
-        "clean_up_tokenization_spaces": False,
-        "model_max_length": 1_000_000,
-        "added_tokens_decoder": added,
-        "chat_template": CHATML_TEMPLATE,
-    }
+    config = tokenizer_config(
+        {ids[t]: t for t in SPECIAL_TOKENS}, CHATML_TEMPLATE, BOS, EOS, PAD, 1_000_000
+    )
+    config.update(add_bos_token=True, add_eos_token=False)
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out / "special_tokens_map.json").write_text(
         json.dumps({"bos_token": BOS, "eos_token": EOS, "pad_token": PAD}, indent=2) + "\n"

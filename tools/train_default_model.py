@@ -23,6 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tools.tiny_checkpoint import tokenizer_config  # noqa: E402
+
 HELD_OUT = "hamlet_gut.txt"
 SPECIAL_TOKENS = ["<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
@@ -74,26 +78,8 @@ def train_tokenizer(texts: list[str], vocab_size: int):
 
 def write_tokenizer_files(tok, out: Path) -> None:
     tok.save(str(out / "tokenizer.json"))
-    config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": "<s>",
-        "eos_token": "</s>",
-        "pad_token": "<pad>",
-        "model_max_length": 512,
-        "clean_up_tokenization_spaces": False,
-        "chat_template": CHAT_TEMPLATE,
-        "added_tokens_decoder": {
-            str(i): {
-                "content": t,
-                "lstrip": False,
-                "normalized": False,
-                "rstrip": False,
-                "single_word": False,
-                "special": True,
-            }
-            for i, t in enumerate(SPECIAL_TOKENS)
-        },
-    }
+    special = {tok.token_to_id(t): t for t in SPECIAL_TOKENS}
+    config = tokenizer_config(special, CHAT_TEMPLATE, "<s>", "</s>", "<pad>", 512)
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,9 +63,6 @@ class EngineConfig:
             return self.compilation_cache_dir
         root = os.environ.get("INFERFLUX_CACHE_DIR") or str(Path.home() / ".cache" / "inferflux")
         return str(Path(root) / "xla")
-
-    def replace(self, **changes: object) -> EngineConfig:
-        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
 
     def resolved_token_buckets(self) -> tuple[int, ...]:
         if self.token_buckets is not None:

@@ -18,6 +18,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.typing import ArrayLike
 
 from inferflux.config import EngineConfig
 from inferflux.detokenizer import IncrementalDetokenizer
@@ -260,10 +261,6 @@ class LLMEngine:
     def reset_prefix_cache(self) -> None:
         self.scheduler.reset_prefix_cache()
 
-    @property
-    def num_requests(self) -> int:
-        return len(self._parents)
-
     # ---- the step -----------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         sched = self.scheduler.schedule()
@@ -293,7 +290,16 @@ class LLMEngine:
         token = int(res.token_ids[row])
         req.output_token_ids.append(token)
         if params.logprobs is not None:
-            seq.logprobs.append(self._logprob_entry(res, row, token, params.logprobs))
+            k = params.logprobs
+            seq.logprobs.append(
+                self._logprob_entry(
+                    token,
+                    res.logprobs[row],
+                    res.ranks[row],
+                    res.top_ids[row, :k],
+                    res.top_logprobs[row, :k],
+                )
+            )
         n_out = req.num_output_tokens
         # NOTE: the stop token itself is not detokenized; text held back (an incomplete
         # character) is flushed so the text equals the full decode.
@@ -306,8 +312,8 @@ class LLMEngine:
         before = len(seq.text)
         seq.text += seq.detokenizer.add_tokens([token])
         if params.stop_strings and n_out >= params.min_tokens:
-            longest = max(len(s) for s in params.stop_strings)
-            hit = _find_stop(seq.text, params.stop_strings, max(0, before - longest + 1))
+            search_from = max(0, before - params.max_stop_len + 1)
+            hit = _find_stop(seq.text, params.stop_strings, search_from)
             if hit is not None:
                 start, stop = hit
                 keep = start + len(stop) if params.include_stop_str_in_output else start
@@ -319,7 +325,8 @@ class LLMEngine:
 
     def _record_prompt_logprobs(self, scheduled: list[Any], result: StepResult) -> None:
         """Prompt token p + 1 is scored by the logits at position p (packed at start + p - nc)."""
-        assert result.prompt is not None
+        prompt_lp = result.prompt
+        assert prompt_lp is not None
         start = 0
         for item in scheduled:
             req, first, n = item.request, item.num_computed_tokens, item.num_new_tokens
@@ -333,40 +340,40 @@ class LLMEngine:
                 # NOTE: positions recorded before a preemption are not recorded twice.
                 for p in range(max(first, len(entries) - 1), min(first + n, len(prompt) - 1)):
                     t = start + p - first
-                    entries.append(self._prompt_entry(result, t, prompt[p + 1], k))
+                    entries.append(
+                        self._logprob_entry(
+                            prompt[p + 1],
+                            prompt_lp.target_logprobs[t],
+                            prompt_lp.target_ranks[t],
+                            prompt_lp.top_ids[t, :k],
+                            prompt_lp.top_logprobs[t, :k],
+                        )
+                    )
             start += n
-
-    def _prompt_entry(self, res: StepResult, t: int, token: int, k: int) -> dict[int, Logprob]:
-        prompt = res.prompt
-        assert prompt is not None
-        entry = {
-            token: Logprob(
-                float(prompt.target_logprobs[t]),
-                int(prompt.target_ranks[t]),
-                self._token_text(token),
-            )
-        }
-        for rank, (tid, lp) in enumerate(
-            zip(prompt.top_ids[t, :k], prompt.top_logprobs[t, :k], strict=True), start=1
-        ):
-            if int(tid) not in entry:
-                entry[int(tid)] = Logprob(float(lp), rank, self._token_text(int(tid)))
-        return entry
 
     def _finish(self, seq: _Sequence, status: RequestStatus, reason: int | str | None) -> None:
         seq.finish_reason = status.value
         seq.request.stop_reason = reason
         self.scheduler.finish_request(seq.request.request_id, status)
 
-    def _logprob_entry(self, res: StepResult, row: int, token: int, k: int) -> dict[int, Logprob]:
+    def _logprob_entry(
+        self,
+        token: int,
+        logprob: ArrayLike,  # []
+        rank: ArrayLike,  # []
+        top_ids: ArrayLike,  # [K]
+        top_logprobs: ArrayLike,  # [K]
+    ) -> dict[int, Logprob]:
+        """The chosen token and its top alternatives (host copies of step outputs), by id."""
         entry = {
-            token: Logprob(float(res.logprobs[row]), int(res.ranks[row]), self._token_text(token))
+            token: Logprob(
+                float(np.asarray(logprob)), int(np.asarray(rank)), self._token_text(token)
+            )
         }
-        for rank, (tid, lp) in enumerate(
-            zip(res.top_ids[row, :k], res.top_logprobs[row, :k], strict=True), start=1
-        ):
+        alternatives = zip(np.asarray(top_ids), np.asarray(top_logprobs), strict=True)
+        for alt_rank, (tid, lp) in enumerate(alternatives, start=1):
             if int(tid) not in entry:
-                entry[int(tid)] = Logprob(float(lp), rank, self._token_text(int(tid)))
+                entry[int(tid)] = Logprob(float(lp), alt_rank, self._token_text(int(tid)))
         return entry
 
     def _token_text(self, token: int) -> str:
@@ -381,7 +388,7 @@ class LLMEngine:
             held = 0
             if not finished and parent.params.stop_strings:
                 # NOTE: hold back a possible stop-string prefix until it is resolved.
-                held = max(len(s) for s in parent.params.stop_strings) - 1
+                held = parent.params.max_stop_len - 1
             upto = max(seq.emitted_chars, len(seq.text) - held)
             text = seq.text[seq.emitted_chars : upto]
             seq.emitted_chars = upto

@@ -137,9 +137,6 @@ class ModelRunner:
             (jnp.zeros(shape, model.dtype), jnp.zeros(shape, model.dtype))
             for _ in range(cfg.num_layers)
         ]
-        self.kv_bytes_per_token = (
-            2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * (jnp.dtype(model.dtype).itemsize)
-        )
         self._steps: dict[int, Any] = {}
         for t in token_buckets:
             chunk = max(

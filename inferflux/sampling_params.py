@@ -35,6 +35,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     stop_strings: tuple[str, ...] = field(init=False, default=())
+    max_stop_len: int = field(init=False, default=0)  # longest stop string, 0 if none
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -48,6 +49,7 @@ class SamplingParams:
         if self.logit_bias is not None:
             self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
         self.validate()
+        self.max_stop_len = max((len(s) for s in self.stop_strings), default=0)
 
     @property
     def greedy(self) -> bool:

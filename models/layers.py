@@ -21,7 +21,8 @@ ModuleList: Any = getattr(nnx, "List", list)
 
 
 def param(shape: tuple[int, ...], dtype: Any, axes: tuple[str | None, ...]) -> nnx.Param:
-    """A parameter placeholder with its logical axis names (filled from the checkpoint)."""
+    """A parameter of `shape` with its logical axis names; built under `nnx.eval_shape`, so it
+    holds no memory until the loader puts the checkpoint's tensor in its place."""
     assert len(shape) == len(axes), (shape, axes)
     return nnx.Param(jnp.zeros(shape, dtype), axes=axes)
 

@@ -14,10 +14,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from tokenizers import Tokenizer
 
-from tests.hf_fixtures import load_hf_model
+from tests.test_generation import hf_greedy
 
 ROOT = Path(__file__).resolve().parents[1]
 NEW_TOKENS = 8
@@ -71,21 +70,8 @@ def run_cli(args: list[str], env: dict[str, str] | None = None) -> subprocess.Co
 
 def hf_greedy_text(folder: Path, prompt_ids: list[int]) -> str:
     """transformers' greedy continuation, decoded; fails if a near-tie makes it ambiguous."""
-    model = load_hf_model(folder)
-    model.generation_config.eos_token_id = None  # like --ignore-eos
-    with torch.no_grad():
-        out = model.generate(
-            torch.tensor([prompt_ids]),
-            max_new_tokens=NEW_TOKENS,
-            do_sample=False,
-            output_logits=True,
-            return_dict_in_generate=True,
-            pad_token_id=0,
-        )
-    for logits in out.logits:
-        top2 = torch.topk(logits[0].float(), 2).values
-        assert float(top2[0] - top2[1]) > 1e-3, "near-tie: pick another prompt"
-    tokens = out.sequences[0, len(prompt_ids) :].tolist()
+    [(tokens, tie)] = hf_greedy(folder, [prompt_ids], NEW_TOKENS)
+    assert tie == NEW_TOKENS, "near-tie: pick another prompt"
     return Tokenizer.from_file(str(folder / "tokenizer.json")).decode(tokens)
 
 
